@@ -1,0 +1,1 @@
+"""File outputs: atomic HDF5 writing."""
