@@ -52,7 +52,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = load_safetensors(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
+    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError) as exc:
         raise WeightsFormatError(
             f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}). The file may be truncated "
             "by an interrupted download or not be a model file at all: download it again and compare its "
