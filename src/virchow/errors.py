@@ -108,3 +108,9 @@ class EmptyBagError(DataError):
 
 class MissingExtraError(VirchowError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """A slide path given to a reader does not exist."""
+
+    reason = "not_found"

@@ -95,3 +95,25 @@ def read_attrs(target: h5py.HLObject) -> dict[str, Any]:
 
 
 STRING_DTYPE = h5py.string_dtype(encoding="utf-8")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files left in ``folder`` by dead processes of this host; return them.
+
+    Temporary files of live processes, and of other hosts (which this host cannot check), stay.
+    """
+    removed: list[Path] = []
+    host = socket.gethostname()
+    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+        parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except PermissionError:
+            continue
+    return removed

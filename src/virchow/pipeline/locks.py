@@ -63,6 +63,12 @@ class SlideLock:
             return lock
         return None
 
+    @classmethod
+    def clear_if_stale(cls, path: Path, *, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+        """Delete the lock at ``path`` if its owner is gone (a worker killed after finishing its output)."""
+        if path.exists():
+            cls._remove_if_stale(path, stale_after)
+
     @staticmethod
     def _remove_if_stale(path: Path, stale_after: float) -> bool:
         try:

@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 
 from virchow.embed.embedder import Embedder
 from virchow.errors import ConfigError, SlideError
-from virchow.io.h5 import atomic_h5, write_attrs
+from virchow.io.h5 import atomic_h5, remove_stale_temporaries, write_attrs
 from virchow.pipeline.config import SlideJobConfig
 from virchow.pipeline.inputs import SlideInput, discover_slides
 from virchow.pipeline.locks import SlideLock
-from virchow.pipeline.manifest import SlideOutcome, upsert_outcome
+from virchow.pipeline.manifest import SlideOutcome, read_manifest, upsert_outcome
 from virchow.pipeline.slide import embed_planned_slide, feature_path, plan_slide, slide_attrs
 
 _logger = logging.getLogger(__name__)
@@ -88,6 +88,21 @@ def existing_output_is_current(path: Path, fingerprint: str) -> bool:
         return False
 
 
+def outcome_from_file(slide: SlideInput, path: Path) -> SlideOutcome:
+    """Rebuild the manifest row of a finished slide from the attributes of its feature file."""
+    with h5py.File(path, "r") as handle:
+        attrs = handle.attrs
+        tiles = int(attrs.get("n_tiles", len(handle["coords"])))
+        seconds = float(attrs.get("seconds_total", 0.0))
+        status = "no_tissue" if attrs.get("status") == "no_tissue" else "done"
+        return SlideOutcome(
+            slide.slide_id, str(slide.path), status, "ok" if status == "done" else "no_tissue",
+            "recorded from the existing output", tiles=tiles, failed_tiles=int(attrs.get("n_failed_tiles", 0)),
+            seconds=seconds, tiles_per_s=tiles / seconds if seconds else 0.0, output=str(path),
+            settings=str(attrs.get("settings_hash", "")),
+        )
+
+
 def embed_slides(
     inputs: Sequence[str | Path] | Sequence[SlideInput],
     out_dir: str | Path,
@@ -120,9 +135,14 @@ def embed_slides(
     if not slides:
         raise ConfigError(f"no slides found in {', '.join(map(str, inputs))}")
 
+    features_dir = feature_path(out_dir, "x").parent
+    if features_dir.is_dir():
+        for stale in remove_stale_temporaries(features_dir):
+            _logger.warning("removed %s, left by an interrupted run", stale.name)
     metadata = embedder.metadata()
     fingerprint = config.fingerprint(metadata)
     manifest = out_dir / MANIFEST_NAME
+    recorded = {row["slide_id"]: row["status"] for row in read_manifest(manifest)}
     summary = RunSummary(unsupported=list(unsupported))
     for path in unsupported:
         upsert_outcome(manifest, SlideOutcome(slide_id=path.name, path=str(path), status="skipped", reason="unsupported_format"))
@@ -137,6 +157,9 @@ def embed_slides(
                 summary.outcomes.append(outcome)
                 if outcome.reason != "already_done":
                     upsert_outcome(manifest, outcome)
+                elif recorded.get(slide.slide_id) not in ("done", "no_tissue"):
+                    # The previous run was killed after renaming the output but before recording it.
+                    upsert_outcome(manifest, outcome_from_file(slide, Path(outcome.output)))
             bar.update(1)
             bar.set_postfix(failed=len(summary.failed))
 
@@ -151,11 +174,13 @@ def _run_one(
     slide: SlideInput, out_dir: Path, embedder: Embedder, config: SlideJobConfig, fingerprint: str, *, progress: bool
 ) -> SlideOutcome | None:
     out_path = feature_path(out_dir, slide.slide_id)
+    lock_path = out_dir / LOCKS_DIR / f"{slide.slide_id}.lock"
     if existing_output_is_current(out_path, fingerprint):
         _logger.info("%s: already done with the same settings, skipped", slide.slide_id)
+        SlideLock.clear_if_stale(lock_path)
         return SlideOutcome(slide.slide_id, str(slide.path), "skipped", "already_done", output=str(out_path), settings=fingerprint)
 
-    lock = SlideLock.acquire(out_dir / LOCKS_DIR / f"{slide.slide_id}.lock")
+    lock = SlideLock.acquire(lock_path)
     if lock is None:
         _logger.info("%s: another worker is processing it", slide.slide_id)
         return None

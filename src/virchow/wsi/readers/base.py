@@ -22,6 +22,8 @@ from types import TracebackType
 import cv2
 import numpy as np
 
+from virchow.errors import TileReadError
+
 logger = logging.getLogger(__name__)
 
 #: Plausible level-0 pixel sizes for a microscope scan, in um/px. Values outside this range are
@@ -153,6 +155,14 @@ class SlideReader(abc.ABC):
         """Names of corrections this reader applies to decoded pixels, for example ``dicom_ycbcr_to_rgb``."""
         return tuple(self._pixel_corrections)
 
+    def level_reads_exact(self, level: int) -> bool:
+        """Return True when reads at ``level`` return the stored level pixels without resampling.
+
+        Backends that resample at some levels override this; tile reads then avoid those levels.
+        """
+        self._check_level(level)
+        return True
+
     def level_mpp(self, level: int) -> float | None:
         """Mean pixel size of ``level`` in um/px, or None when the level-0 pixel size is unknown."""
         self._check_level(level)
@@ -166,7 +176,10 @@ class SlideReader(abc.ABC):
             if mpp_x is not None:
                 logger.info(
                     "%s: mpp override %.6g um/px replaces %.6g um/px from %s",
-                    self._path.name, self._mpp_override, mpp_x, source,
+                    self._path.name,
+                    self._mpp_override,
+                    mpp_x,
+                    source,
                 )
             self._mpp_x = self._mpp_y = float(self._mpp_override)
             self._mpp_source = "override"
@@ -178,7 +191,11 @@ class SlideReader(abc.ABC):
                 logger.warning(
                     "%s: ignoring pixel size %.6g x %.6g um/px from %s because it is outside %s um/px; "
                     "supply the real value as an mpp override",
-                    self._path.name, mpp_x, mpp_y, source, PLAUSIBLE_MPP_RANGE,
+                    self._path.name,
+                    mpp_x,
+                    mpp_y,
+                    source,
+                    PLAUSIBLE_MPP_RANGE,
                 )
             self._mpp_x = self._mpp_y = self._mpp_source = None
             return
@@ -231,9 +248,7 @@ class SlideReader(abc.ABC):
         if width <= 0 or height <= 0:
             raise ValueError(f"region size must be positive (width, height), got {size!r}")
         if width * height > MAX_REGION_PIXELS:
-            raise ValueError(
-                f"region {width}x{height} exceeds {MAX_REGION_PIXELS} pixels; read it in smaller parts"
-            )
+            raise ValueError(f"region {width}x{height} exceeds {MAX_REGION_PIXELS} pixels; read it in smaller parts")
         if self._closed:
             raise ValueError(f"{self!r} is closed")
         x_level, y_level = self.level_location(location, level)
@@ -248,6 +263,7 @@ class SlideReader(abc.ABC):
         region: tuple[int, int, int, int] | None = None,
         *,
         max_chunk_pixels: int = 2**24,
+        damaged_regions: list[tuple[int, int, int, int]] | None = None,
     ) -> np.ndarray:
         """Build a low-resolution image of a level-0 rectangle by chunked region reads.
 
@@ -259,6 +275,9 @@ class SlideReader(abc.ABC):
             downsample: level-0 pixels per output pixel (at least 1).
             region: level-0 (x, y, width, height) to render; the whole level 0 when None.
             max_chunk_pixels: largest chunk read at once, in pixels of the source level.
+            damaged_regions: when None, a decode failure raises TileReadError. When a list, a
+                failing chunk is split until the failing parts are at most 256 source pixels wide.
+                Those parts are painted white and their level-0 (x, y, width, height) is appended.
 
         Returns:
             A (ceil(height / downsample), ceil(width / downsample), 3) uint8 RGB array whose pixel
@@ -275,9 +294,10 @@ class SlideReader(abc.ABC):
 
         # Blocks span the full output width when that fits the budget, so strip-based files decode
         # each strip once; otherwise they are squares.
-        block_w = min(out_w, max(1, int(math.sqrt(max_chunk_pixels) / factor)))
         if out_w * factor * factor <= max_chunk_pixels:
             block_w = out_w
+        else:
+            block_w = max(1, int(math.sqrt(max_chunk_pixels) / factor))
         block_h = max(1, int(max_chunk_pixels / (block_w * factor * factor)))
 
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
@@ -289,16 +309,43 @@ class SlideReader(abc.ABC):
                 src_y0 = int(round(origin_y + top * factor))
                 src_w = max(1, int(round(origin_x + right * factor)) - src_x0)
                 src_h = max(1, int(round(origin_y + bottom * factor)) - src_y0)
-                downsample_level = self._level_downsamples[level]
-                chunk = self.read_region(
-                    (int(round(src_x0 * downsample_level)), int(round(src_y0 * downsample_level))),
-                    level,
-                    (src_w, src_h),
-                )
+                chunk = self._read_chunk(level, src_x0, src_y0, src_w, src_h, damaged_regions)
                 if chunk.shape[:2] != (bottom - top, right - left):
                     interpolation = cv2.INTER_AREA if factor > 1 else cv2.INTER_LINEAR
                     chunk = cv2.resize(chunk, (right - left, bottom - top), interpolation=interpolation)
                 out[top:bottom, left:right] = chunk
+        return out
+
+    def _read_chunk(
+        self,
+        level: int,
+        x: int,
+        y: int,
+        width: int,
+        height: int,
+        damaged_regions: list[tuple[int, int, int, int]] | None,
+    ) -> np.ndarray:
+        """Read level pixels [x, x + width) x [y, y + height), isolating damaged parts when asked."""
+        downsample = self._level_downsamples[level]
+        location = (int(round(x * downsample)), int(round(y * downsample)))
+        try:
+            return self.read_region(location, level, (width, height))
+        except TileReadError:
+            if damaged_regions is None:
+                raise
+        if max(width, height) <= 256:
+            rect = (location[0], location[1], int(round(width * downsample)), int(round(height * downsample)))
+            logger.warning("%s: level-0 region %s failed to decode and is shown white", self._path.name, rect)
+            damaged_regions.append(rect)
+            return np.full((height, width, 3), 255, dtype=np.uint8)
+        half_w, half_h = max(1, width // 2), max(1, height // 2)
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        for top, part_h in ((0, half_h), (half_h, height - half_h)):
+            for left, part_w in ((0, half_w), (half_w, width - half_w)):
+                if part_w > 0 and part_h > 0:
+                    out[top : top + part_h, left : left + part_w] = self._read_chunk(
+                        level, x + left, y + top, part_w, part_h, damaged_regions
+                    )
         return out
 
     @abc.abstractmethod
@@ -340,18 +387,9 @@ class SlideReader(abc.ABC):
 
     def _check_level(self, level: int) -> None:
         if not 0 <= level < len(self._level_dimensions):
-            raise ValueError(f"level must be in 0..{len(self._level_dimensions) - 1} for {self._path.name}, got {level}")
-
-
-def paste_into_white(
-    canvas_size: tuple[int, int], patch: np.ndarray, offset: tuple[int, int]
-) -> np.ndarray:
-    """Place ``patch`` at (x, y) ``offset`` inside a white (height, width, 3) canvas of (width, height) ``canvas_size``."""
-    width, height = canvas_size
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    x, y = offset
-    canvas[y : y + patch.shape[0], x : x + patch.shape[1]] = patch
-    return canvas
+            raise ValueError(
+                f"level must be in 0..{len(self._level_dimensions) - 1} for {self._path.name}, got {level}"
+            )
 
 
 def level_downsamples_from_dimensions(level_dimensions: list[tuple[int, int]]) -> list[float]:

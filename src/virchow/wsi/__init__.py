@@ -1,0 +1,1 @@
+"""Whole-slide image access: readers, resolution planning, tissue detection, tiling and QC images."""
