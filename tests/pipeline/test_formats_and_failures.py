@@ -54,7 +54,7 @@ def test_rgba_png_transparent_background_is_white(tmp_path, pixel_embedder):
 
 def test_corrupt_tile_is_excluded_and_recorded(tmp_path, pixel_embedder):
     path, (x, y, width, height) = fixtures.make_corrupt_tile_svs(tmp_path / "corrupt.svs")
-    clean = _run([WSI / "CMU-1-Small-Region.svs"], tmp_path / "clean", pixel_embedder, tissue="none", min_tissue=0.0)
+    _run([WSI / "CMU-1-Small-Region.svs"], tmp_path / "clean", pixel_embedder, tissue="none", min_tissue=0.0)
     summary = _run([path], tmp_path / "out", pixel_embedder, tissue="none", min_tissue=0.0)
 
     assert summary.ok
@@ -66,7 +66,10 @@ def test_corrupt_tile_is_excluded_and_recorded(tmp_path, pixel_embedder):
         coords = handle["coords"][:]
         assert len(failed) == outcome.failed_tiles
         for fx, fy in failed:  # every excluded tile overlaps the damaged TIFF tile
-            assert fx < x + width and fx + 224 > x and fy < y + height and fy + 224 > y
+            assert fx < x + width
+            assert fx + 224 > x
+            assert fy < y + height
+            assert fy + 224 > y
         assert not {tuple(c) for c in failed} & {tuple(c) for c in coords}
         features = handle["features"][:]
         # No blank replacement: every stored tile equals the clean slide's tile at the same place.

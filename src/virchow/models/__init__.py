@@ -93,3 +93,4 @@ __all__ = [
     "register_model",
     "timm_kwargs",
 ]
+from virchow.models import small as small  # noqa: E402  (registers vit-s14-swiglu and vit-b14-swiglu)

@@ -18,7 +18,7 @@ _OUTPUT_METADATA = ("model", "weights_source", "weights_sha256", "weights_random
 
 @dataclass(frozen=True)
 class SlideJobConfig:
-    """How slides are tiled and stored.
+    """Tiling and storage settings of a run.
 
     Attributes:
         target_mpp: tile pixel size in um/px (Virchow was trained at 0.5).

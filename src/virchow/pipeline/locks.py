@@ -1,7 +1,7 @@
 """Per-slide lock files, so that several workers can share one output folder.
 
 A lock is created with ``O_CREAT | O_EXCL``, which is atomic on local file systems and on NFSv3+,
-so exactly one worker wins a slide. The file holds the owner's host, pid and start time. A lock
+so exactly one worker wins a slide. The file contains the owner's host, pid and start time. A lock
 whose owner is a dead process on this host is stale and is taken over; a lock from another host
 is stale when its heartbeat (the file's modification time, refreshed while the slide runs) is
 older than ``stale_after`` seconds.
@@ -37,7 +37,7 @@ def _pid_alive(pid: int) -> bool:
 class SlideLock:
     """An exclusive claim on one slide, held while it is processed.
 
-    Use :meth:`acquire`; it returns None when another live worker holds the slide.
+    Use :meth:`acquire`; it returns None when another live worker has the slide.
     """
 
     def __init__(self, path: Path) -> None:

@@ -23,7 +23,7 @@ Status = Literal["done", "failed", "skipped", "no_tissue"]
 
 @dataclass
 class SlideOutcome:
-    """What happened to one slide.
+    """Outcome of one slide in a run.
 
     Attributes:
         slide_id: output name of the slide.

@@ -228,7 +228,7 @@ def _failure(slide: SlideInput, reason: str, message: str, started: float) -> Sl
 
 
 def _write_empty(plan, config: SlideJobConfig, embedder: Embedder, out_path: Path, fingerprint: str, started: float) -> SlideOutcome:
-    """Write a zero-tile feature file, so that a rerun knows the slide is finished."""
+    """Write a zero-tile feature file, so that a rerun can tell that the slide is finished."""
     import numpy as np
 
     with atomic_h5(out_path) as handle:
