@@ -4,7 +4,7 @@ A bootstrap resample is represented by how often each sample was drawn (a row of
 metric is a weighted statistic over the original samples and all resamples of a chunk are scored
 with a few array operations. With all counts equal to one the weighted statistics equal the
 scikit-learn functions they mirror (``balanced_accuracy_score``, ``f1_score(average="weighted")``,
-``roc_auc_score``, ``average_precision_score``); the tests check this.
+``roc_auc_score``, ``average_precision_score``). The tests check this.
 
 AUROC and AUPRC are binary for two classes (the score of the second class) and the unweighted mean
 of the one-vs-rest values otherwise. Classes without positives or negatives in a resample are
@@ -30,7 +30,7 @@ class BootstrapConfig:
     """Settings of the percentile bootstrap.
 
     Attributes:
-        n_resamples: number of resamples drawn with replacement; 0 skips the intervals.
+        n_resamples: number of resamples drawn with replacement, or 0 to skip the intervals.
         confidence: two-sided coverage of the interval, 0.95 for the 2.5th and 97.5th percentiles.
         seed: seed of the resampling generator, so intervals are reproducible.
     """
@@ -45,9 +45,9 @@ class MetricCI:
     """A metric value with its bootstrap interval.
 
     Attributes:
-        value: the metric on the full sample; NaN when undefined (for example AUROC with one class).
-        ci_low: lower percentile bound; NaN without valid resamples.
-        ci_high: upper percentile bound; NaN without valid resamples.
+        value: the metric on the full sample, NaN when undefined (for example AUROC with one class).
+        ci_low: lower percentile bound, NaN without valid resamples.
+        ci_high: upper percentile bound, NaN without valid resamples.
         n_resamples: resamples on which the metric was defined and that entered the interval.
     """
 
@@ -89,9 +89,9 @@ def compute_metrics(
 
     Args:
         y_true: (N,) integer class indices in ``[0, K)``.
-        proba: (N, K) class probabilities or scores; the prediction is their argmax.
+        proba: (N, K) class probabilities or scores. The prediction is their argmax.
         names: metrics to compute, a subset of ``METRIC_NAMES``.
-        bootstrap: resampling settings; None uses ``BootstrapConfig()``.
+        bootstrap: resampling settings, ``BootstrapConfig()`` when None.
 
     Returns:
         One ``MetricCI`` per requested name, in the order given.
@@ -102,7 +102,7 @@ def compute_metrics(
     bootstrap = bootstrap or BootstrapConfig()
     unknown = sorted(set(names) - set(METRIC_NAMES))
     if unknown:
-        raise ValueError(f"unknown metric names {unknown}; valid names are {list(METRIC_NAMES)}")
+        raise ValueError(f"unknown metric names {unknown}. Valid names are {list(METRIC_NAMES)}")
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 2 or proba.shape[0] != y_true.shape[0]:
@@ -146,7 +146,9 @@ def _bootstrap_counts(n_samples: int, config: BootstrapConfig) -> Iterator[np.nd
         remaining -= rows
 
 
-def _score_counts(counts: np.ndarray, y_true: np.ndarray, proba: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+def _score_counts(
+    counts: np.ndarray, y_true: np.ndarray, proba: np.ndarray, names: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Score every row of ``counts`` (one resample each) with the named metrics."""
     n_classes = proba.shape[1]
     weights = counts.astype(np.float64)
@@ -217,7 +219,7 @@ def _tie_groups(score: np.ndarray, descending: bool) -> tuple[np.ndarray, np.nda
 
 
 def weighted_auroc(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """Weighted Mann-Whitney AUROC per weight row; ties count one half; NaN without both classes."""
+    """Weighted Mann-Whitney AUROC per weight row, ties counting one half. NaN without both classes."""
     if score.size == 0:
         return np.full(weights.shape[0], np.nan)
     order, starts = _tie_groups(score, descending=False)
@@ -234,7 +236,7 @@ def weighted_auroc(weights: np.ndarray, positive: np.ndarray, score: np.ndarray)
 
 
 def weighted_average_precision(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """Weighted average precision per weight row (step-wise, as scikit-learn); NaN without positives."""
+    """Weighted average precision per weight row (step-wise, as scikit-learn). NaN without positives."""
     if score.size == 0:
         return np.full(weights.shape[0], np.nan)
     order, starts = _tie_groups(score, descending=True)

@@ -9,6 +9,7 @@ optimistic metrics.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class Fold:
         index: fold number, 0-based.
         train: indices used to fit the model.
         test: held-out indices the metrics are computed on.
-        val: indices for model selection (early stopping); empty when the caller does not use one.
+        val: indices for model selection (early stopping), empty when the caller does not use one.
     """
 
     index: int
@@ -54,7 +55,7 @@ def kfold_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: 
         seed: seed of the fold shuffling.
 
     Returns:
-        ``n_splits`` folds with ``test`` set and ``val`` empty; the test folds partition the samples.
+        ``n_splits`` folds with ``test`` set and ``val`` empty. The test folds partition the samples.
 
     Raises:
         DataError: if there are fewer groups or samples than folds, or the folds leak groups.
@@ -65,7 +66,7 @@ def kfold_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: 
     n_units = len(np.unique(groups)) if groups is not None else len(y)
     unit_name = "groups (patients)" if groups is not None else "samples"
     if n_units < n_splits:
-        raise DataError(f"{n_splits} folds need at least {n_splits} {unit_name}, found {n_units}; use fewer folds")
+        raise DataError(f"{n_splits} folds need at least {n_splits} {unit_name}, found {n_units}. Use fewer folds")
     _warn_small_classes(y, groups, n_splits)
 
     if groups is None:
@@ -75,7 +76,10 @@ def kfold_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: 
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         raw = splitter.split(np.zeros(len(y)), y, groups)
     empty = np.empty(0, dtype=np.int64)
-    folds = [Fold(i, np.sort(train), np.sort(test), empty) for i, (train, test) in enumerate(raw)]
+    with warnings.catch_warnings():
+        # _warn_small_classes has already logged this case with the class name.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = [Fold(i, np.sort(train), np.sort(test), empty) for i, (train, test) in enumerate(raw)]
 
     if groups is not None:
         check_group_leakage(folds, groups)
@@ -89,7 +93,10 @@ def _warn_small_classes(y: np.ndarray, groups: np.ndarray | None, n_splits: int)
         if n_units < n_splits:
             _logger.warning(
                 "class %r has %d %s, fewer than the %d folds, so some test folds will lack it",
-                label, n_units, "groups" if groups is not None else "samples", n_splits,
+                label.item() if isinstance(label, np.generic) else label,
+                n_units,
+                "groups" if groups is not None else "samples",
+                n_splits,
             )
 
 
@@ -116,7 +123,7 @@ def add_validation_folds(folds: Sequence[Fold]) -> list[Fold]:
 def split_from_column(values: Sequence[object], *, require_val: bool = False) -> Fold:
     """Build one fold from a split column holding ``train``, ``val`` or ``test`` per sample.
 
-    Values are compared case-insensitively after stripping whitespace; ``valid`` and
+    Values are compared case-insensitively after stripping whitespace, and ``valid`` and
     ``validation`` mean ``val``.
 
     Raises:
@@ -125,15 +132,15 @@ def split_from_column(values: Sequence[object], *, require_val: bool = False) ->
     """
     aliases = {"valid": "val", "validation": "val"}
     normalised = np.array([aliases.get(str(v).strip().lower(), str(v).strip().lower()) for v in values])
-    invalid = sorted(set(normalised) - set(SPLIT_NAMES))
+    invalid = sorted(set(normalised.tolist()) - set(SPLIT_NAMES))
     if invalid:
-        raise DataError(f"split column has invalid values {invalid}; allowed values are {list(SPLIT_NAMES)}")
+        raise DataError(f"split column has invalid values {invalid}. Allowed values are {list(SPLIT_NAMES)}")
 
     parts = {name: np.flatnonzero(normalised == name) for name in SPLIT_NAMES}
     if parts["train"].size == 0:
         raise DataError("split column has no 'train' rows")
     if require_val and parts["val"].size == 0:
-        raise DataError("split column has no 'val' rows, which early stopping needs; add some or drop --split-col")
+        raise DataError("split column has no 'val' rows for early stopping. Add 'val' rows or drop --split-col")
     if parts["val"].size == 0 and parts["test"].size == 0:
         raise DataError("split column has no 'val' or 'test' rows to evaluate on")
     return Fold(0, parts["train"], parts["test"], parts["val"])
@@ -163,18 +170,16 @@ def check_group_leakage(folds: Sequence[Fold], groups: np.ndarray) -> None:
     for fold in folds:
         for group in set(groups[fold.test].tolist()):
             if group in owner and owner[group] != fold.index:
-                raise DataError(
-                    f"group leakage: group {group!r} is in test folds {owner[group]} and {fold.index}"
-                )
+                raise DataError(f"group leakage: group {group!r} is in test folds {owner[group]} and {fold.index}")
             owner[group] = fold.index
 
 
 def check_fold_classes(folds: Sequence[Fold], y: np.ndarray, *, task: str, ignore_value: object = None) -> None:
-    """Raise ``DataError`` if any part of a fold is empty or holds a single class.
+    """Raise ``DataError`` if any part of a fold is empty or contains a single class.
 
     Args:
         folds: folds to check.
-        y: (N,) labels; entries equal to ``ignore_value`` (missing labels) are not counted.
+        y: (N,) labels. Entries equal to ``ignore_value`` (missing labels) are not counted.
         task: name of the label, used in the message.
         ignore_value: label value that marks a missing label, or None.
     """
@@ -184,11 +189,11 @@ def check_fold_classes(folds: Sequence[Fold], y: np.ndarray, *, task: str, ignor
             labels = y[idx]
             if ignore_value is not None:
                 labels = labels[labels != ignore_value]
-            classes = np.unique(labels)
-            if classes.size == 0:
+            classes = np.unique(labels).tolist()
+            if not classes:
                 raise DataError(f"fold {fold.index}: the {name} split has no labelled samples for {task!r}")
-            if classes.size == 1:
+            if len(classes) == 1:
                 raise DataError(
                     f"fold {fold.index}: the {name} split has only class {classes[0]!r} for {task!r} "
-                    f"({labels.size} samples); use fewer folds or add samples of the other classes"
+                    f"({labels.size} samples). Use fewer folds or add samples of the other classes"
                 )

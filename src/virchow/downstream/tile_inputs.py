@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from virchow.errors import DataError
+from virchow.io.h5 import read_attrs
 
 _logger = logging.getLogger(__name__)
 
@@ -76,25 +77,19 @@ def read_embeddings_h5(path: Path) -> tuple[np.ndarray, list[str], dict]:
         with h5py.File(path, "r") as handle:
             missing = [name for name in ("features", "paths") if name not in handle]
             if missing:
-                raise DataError(f"{path} has no dataset {missing}; expected the output of 'virchow embed-tiles'")
+                raise DataError(f"{path} has no dataset {missing}. Expected the output of 'virchow embed-tiles'")
             features = handle["features"][()].astype(np.float32, copy=False)
             paths = [p.decode() if isinstance(p, bytes) else str(p) for p in handle["paths"][()]]
-            attrs = {key: _attr_value(value) for key, value in handle.attrs.items()}
+            attrs = read_attrs(handle)
     except OSError as exc:
         raise DataError(f"cannot read embeddings file {path}: {exc}") from exc
-    if features.ndim != 2 or features.shape[0] != len(paths):
-        raise DataError(f"{path}: features {features.shape} and paths ({len(paths)}) do not match")
+    if features.ndim != 2:
+        raise DataError(
+            f"{path}: features must be 2-D (tiles, dims), got shape {features.shape}. Patch-token embeddings cannot be probed"
+        )
+    if features.shape[0] != len(paths):
+        raise DataError(f"{path}: {features.shape[0]} feature rows but {len(paths)} paths")
     return features, paths, attrs
-
-
-def _attr_value(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 
 
 def load_embeddings_with_labels(
@@ -127,7 +122,9 @@ def load_embeddings_with_labels(
 
     without_embedding = [key for key in table["_key"] if key not in row_of_key]
     if without_embedding:
-        _logger.warning("%d labelled paths have no embedding: %s", len(without_embedding), format_names(without_embedding))
+        _logger.warning(
+            "%d labelled paths have no embedding: %s", len(without_embedding), format_names(without_embedding)
+        )
     labelled = set(table["_key"])
     without_label = [key for key in keys if key not in labelled]
     if without_label:
@@ -136,7 +133,7 @@ def load_embeddings_with_labels(
     table = table[table["_key"].isin(row_of_key)]
     if table.empty:
         raise DataError(
-            f"no path in {labels_csv} column {path_col!r} matches an embedded path in {embeddings}; "
+            f"no path in {labels_csv} column {path_col!r} matches an embedded path in {embeddings}. "
             f"CSV examples {format_names(without_embedding, 3)}, HDF5 examples {format_names(keys, 3)}"
         )
     _reject_missing(table, label_col, labels_csv)
@@ -184,10 +181,14 @@ def load_feature_table(
     else:
         columns = [c for c in table.columns if c not in reserved and pd.api.types.is_numeric_dtype(table[c])]
     if not columns:
-        raise DataError(f"{table_path}: no feature columns found (prefix {feature_prefix!r}); check --feature-prefix")
+        raise DataError(f"{table_path}: no feature columns found (prefix {feature_prefix!r}). Check --feature-prefix")
     _reject_label_leak(table, columns, label_col, table_path)
 
-    ids = table[id_col].astype(str).to_numpy(dtype=object) if id_col else np.array([str(i) for i in table.index], dtype=object)
+    ids = (
+        table[id_col].astype(str).to_numpy(dtype=object)
+        if id_col
+        else np.array([str(i) for i in table.index], dtype=object)
+    )
     _logger.info("loaded %d rows x %d feature columns from %s", len(table), len(columns), table_path)
     return LabelledFeatures(
         features=table[columns].to_numpy(dtype=np.float32),
@@ -213,7 +214,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 def _require_columns(table: pd.DataFrame, columns: list[str | None], path: Path) -> None:
     missing = [c for c in columns if c and c not in table.columns]
     if missing:
-        raise DataError(f"{path} has no column {missing}; available columns: {list(map(str, table.columns))}")
+        raise DataError(f"{path} has no column {missing}. Available columns: {list(map(str, table.columns))}")
 
 
 def _reject_missing(table: pd.DataFrame, label_col: str, path: Path) -> None:
@@ -239,6 +240,6 @@ def _reject_label_leak(table: pd.DataFrame, columns: list[str], label_col: str, 
             continue
         if (table.groupby(label_col)[column].nunique() == 1).all():
             raise DataError(
-                f"{path}: feature column {column!r} encodes the label {label_col!r} one-to-one; "
-                "select features with --feature-prefix or drop the column with --exclude-cols"
+                f"{path}: feature column {column!r} encodes the label {label_col!r} one-to-one, so the probe would see the label itself. "
+                "Select features with --feature-prefix or drop the column with --exclude-cols"
             )
