@@ -4,15 +4,14 @@ Each configuration runs in its own Python process, so the peak resident set size
 ``resource.getrusage``) belongs to that configuration alone. A process builds ``virchow`` (ViT-H/14,
 632M parameters) with random weights, applies the mode through :mod:`virchow.finetune.modes`, and
 runs one untimed warm-up step and ``--steps`` timed AdamW steps on random 224 x 224 images. The
-table lists the peak RSS, its increase over the RSS after the model was built, and the mean
-seconds per step.
+table lists the RSS after the model was built, the peak RSS, and the mean seconds per step.
 
-Usage:
-    python benchmarks/finetune_step.py                      # lora and full, with and without checkpointing
-    python benchmarks/finetune_step.py --modes lora --batch-size 1 --steps 3
+Usage (from the repository root):
+    python -m benchmarks.finetune_step                      # lora and full, with and without checkpointing
+    python -m benchmarks.finetune_step --modes lora --batch-size 1 --steps 3 [--write]
 
-NOTE: the numbers depend on the CPU, the thread count and other load on the machine; the script
-prints the CPU model, torch's thread count and the load average next to the table.
+NOTE: the seconds depend on the CPU, the thread count and other load on the machine, so the table
+gives the 1-minute load average at the end of each measurement. Memory does not depend on the load.
 """
 
 from __future__ import annotations
@@ -20,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rss_gib() -> float:
@@ -93,17 +93,33 @@ def run_one(args: argparse.Namespace) -> dict:
         "warmup_s": round(warmup, 2),
         "seconds_per_step": round(sum(timings) / len(timings), 2),
         "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 1),
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def _markdown(records: list[dict], args: argparse.Namespace) -> str:
+    from benchmarks._report import machine_line
+
+    lines = [
+        "## One fine-tuning step of the full-size model (`benchmarks/finetune_step.py`)",
+        "",
+        f"{args.model} with random weights, batch {args.batch_size}, {args.precision}, AdamW, one process per row, "
+        f"mean of {args.steps} steps after one warm-up step. {machine_line()}.",
+        "",
+        "| mode | gradient checkpointing | trainable parameters | RSS after build (GiB) | peak RSS (GiB) | s / step | load average |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for record in records:
+        checkpointing = "on" if record["checkpointing"] else "off"
+        if "error" in record:
+            lines.append(f"| {record['mode']} | {checkpointing} | | | {record['error']} | | |")
+            continue
+        lines.append(
+            f"| {record['mode']} | {checkpointing} | {record['trainable_params'] / 1e6:.1f} M | "
+            f"{record['built_rss_gib']:.2f} | {record['peak_rss_gib']:.2f} | {record['seconds_per_step']:.1f} | "
+            f"{record['load_average']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -114,6 +130,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (default: 2)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast precision (default: fp32)")
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of docs/benchmarks.md")
     # Internal: measure a single configuration in this process.
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -127,32 +144,25 @@ def main() -> int:
     for mode in args.modes.split(","):
         for checkpointing in (False, True):
             command = [
-                sys.executable, __file__, "--model", args.model, "--mode", mode, "--batch-size", str(args.batch_size),
+                sys.executable, "-m", "benchmarks.finetune_step", "--model", args.model, "--mode", mode, "--batch-size", str(args.batch_size),
                 "--steps", str(args.steps), "--precision", args.precision,
             ]
             if checkpointing:
                 command.append("--checkpointing")
             print(f"running {mode}, checkpointing {'on' if checkpointing else 'off'} ...", file=sys.stderr, flush=True)
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
+            completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
             if completed.returncode != 0:
                 print(completed.stderr[-3000:], file=sys.stderr)
                 records.append({"mode": mode, "checkpointing": checkpointing, "error": f"exit status {completed.returncode}"})
                 continue
             records.append(json.loads(completed.stdout.strip().splitlines()[-1]))
 
-    print(f"\n{args.model}, batch {args.batch_size}, {args.precision}, AdamW; {_cpu_model()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| mode | gradient checkpointing | trainable parameters | RSS after build (GiB) | peak RSS (GiB) | s / step |")
-    print("|---|---|---:|---:|---:|---:|")
-    for record in records:
-        ckpt = "on" if record["checkpointing"] else "off"
-        if "error" in record:
-            print(f"| {record['mode']} | {ckpt} | | | {record['error']} | |")
-            continue
-        print(
-            f"| {record['mode']} | {ckpt} | {record['trainable_params'] / 1e6:.1f} M | {record['built_rss_gib']:.2f} | "
-            f"{record['peak_rss_gib']:.2f} | {record['seconds_per_step']:.1f} |"
-        )
+    markdown = _markdown(records, args)
+    print("\n" + markdown)
+    if args.write:
+        from benchmarks._report import update_section
+
+        print(f"updated {update_section('finetune_step', markdown)}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
     return 0
