@@ -67,7 +67,13 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[Path, list[Path]]:
     return root, files
 
 
-class _ImageFiles(Dataset):
+class ImageFileDataset(Dataset):
+    """Image files through the official transform; an undecodable file gives ``None`` and the reason.
+
+    Items are ``(index, tensor or None, reason)``; collate them with :func:`keep_items` so that
+    failures reach the caller instead of stopping the DataLoader.
+    """
+
     def __init__(self, files: list[Path], transform: OfficialTransform) -> None:
         self.files = files
         self.transform = transform
@@ -82,7 +88,8 @@ class _ImageFiles(Dataset):
             return index, None, str(exc)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[int, torch.Tensor | None, str]]:
+def keep_items(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[int, torch.Tensor | None, str]]:
+    """Collate function that returns the items unchanged."""
     return items
 
 
@@ -108,10 +115,10 @@ def embed_tiles_to_h5(
         raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {', '.join(map(str, inputs))}")
     embedder.prepare(len(files))
     loader = DataLoader(
-        _ImageFiles(files, OfficialTransform(embedder.spec.preprocess)),
+        ImageFileDataset(files, OfficialTransform(embedder.spec.preprocess)),
         batch_size=embedder.batch_size,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=keep_items,
         prefetch_factor=4 if num_workers > 0 else None,
     )
     relative = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files]

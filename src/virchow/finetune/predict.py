@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from virchow.embed.embedder import Embedder
-from virchow.embed.tiles import find_images
-from virchow.errors import ConfigError, ImageDecodeError
+from virchow.embed.tiles import ImageFileDataset, find_images, keep_items
+from virchow.errors import ConfigError
 from virchow.finetune.export import ClassifierHead
-from virchow.preprocess import IMAGE_SUFFIXES, OfficialTransform, load_image
+from virchow.preprocess import IMAGE_SUFFIXES, OfficialTransform
 
 _logger = logging.getLogger(__name__)
 
@@ -38,25 +38,6 @@ class PredictResult:
     n_predicted: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-class _Images(Dataset):
-    def __init__(self, files: list[Path], transform: OfficialTransform) -> None:
-        self.files = files
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return index, self.transform(load_image(self.files[index])), ""
-        except ImageDecodeError as exc:
-            return index, None, str(exc)
-
-
-def _keep_items(items: list) -> list:
-    return items
 
 
 def probability_columns(classes: Sequence[str]) -> list[str]:
@@ -93,10 +74,10 @@ def predict_tiles(
     embedder.prepare(len(files))
     relative = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files]
     loader = DataLoader(
-        _Images(files, OfficialTransform(embedder.spec.preprocess)),
+        ImageFileDataset(files, OfficialTransform(embedder.spec.preprocess)),
         batch_size=embedder.batch_size,
         num_workers=num_workers,
-        collate_fn=_keep_items,
+        collate_fn=keep_items,
     )
 
     failed: list[tuple[str, str]] = []

@@ -86,3 +86,39 @@ class SoftmaxCentering(nn.Module):
         if count > 0:
             self.center.mul_(self.momentum).add_(batch_sum / count, alpha=1.0 - self.momentum)
         return targets
+
+
+class CenteredTargetLoss(nn.Module):
+    """Base of the DINO and iBOT losses: student temperature and teacher-target centring.
+
+    Args:
+        n_prototypes: K, the output dimension of the head.
+        student_temp: temperature of the student softmax.
+        centering: ``sinkhorn_knopp`` or ``softmax`` (running-mean centre).
+        center_momentum: momentum of the running centre (``softmax`` only).
+        sinkhorn_iterations: rounds of Sinkhorn-Knopp (``sinkhorn_knopp`` only).
+    """
+
+    def __init__(
+        self,
+        n_prototypes: int,
+        *,
+        student_temp: float = 0.1,
+        centering: str = "sinkhorn_knopp",
+        center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        if centering not in ("sinkhorn_knopp", "softmax"):
+            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'softmax', got {centering!r}")
+        self.student_temp = student_temp
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.softmax_center = SoftmaxCentering(n_prototypes, center_momentum)
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Turn (N, K) teacher logits into (N, K) targets; ``softmax`` also updates its centre."""
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
+        return self.softmax_center(teacher_logits, teacher_temp)

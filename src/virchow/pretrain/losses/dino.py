@@ -8,49 +8,18 @@ arXiv:2104.14294), as extended to several crops and Sinkhorn-Knopp targets by DI
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from virchow.pretrain.losses.centering import SoftmaxCentering, sinkhorn_knopp
+from virchow.pretrain.losses.centering import CenteredTargetLoss
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTargetLoss):
     """Cross-entropy of student class-token predictions against teacher targets.
 
-    Args:
-        n_prototypes: K, the output dimension of the projection head.
-        student_temp: temperature of the student softmax.
-        centering: ``sinkhorn_knopp`` or ``softmax`` (running-mean centre).
-        center_momentum: momentum of the running centre (``softmax`` only).
-        sinkhorn_iterations: rounds of Sinkhorn-Knopp (``sinkhorn_knopp`` only).
+    Constructor arguments are those of :class:`CenteredTargetLoss`.
     """
-
-    def __init__(
-        self,
-        n_prototypes: int,
-        *,
-        student_temp: float = 0.1,
-        centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        if centering not in ("sinkhorn_knopp", "softmax"):
-            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'softmax', got {centering!r}")
-        self.student_temp = student_temp
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.softmax_center = SoftmaxCentering(n_prototypes, center_momentum)
-
-    @torch.no_grad()
-    def teacher_targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Turn (B, K) teacher logits into (B, K) targets; ``softmax`` also updates its centre."""
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
-        return self.softmax_center(teacher_logits, teacher_temp)
 
     def forward(
         self,
