@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 from tqdm.auto import tqdm
@@ -194,9 +196,20 @@ def _run_one(
 
 
 def process_slide(
-    slide: SlideInput, out_dir: Path, embedder: Embedder, config: SlideJobConfig, fingerprint: str, *, progress: bool = True
+    slide: SlideInput,
+    out_dir: Path,
+    embedder: Embedder,
+    config: SlideJobConfig,
+    fingerprint: str,
+    *,
+    progress: bool = True,
+    embed_guard: contextlib.AbstractContextManager[Any] | None = None,
 ) -> SlideOutcome:
-    """Plan and embed one slide, turning every failure into a recorded outcome."""
+    """Plan and embed one slide, turning every failure into a recorded outcome.
+
+    ``embed_guard`` (a lock, for example) is held from the end of planning until the feature file
+    is written, so a process that runs several slides at once plans one while another is embedded.
+    """
     started = time.perf_counter()
     out_path = feature_path(out_dir, slide.slide_id)
     try:
@@ -210,9 +223,10 @@ def process_slide(
         return _failure(slide, "internal_error", f"{type(exc).__name__}: {exc}", started)
 
     try:
-        if len(plan.grid) == 0:
-            return _write_empty(plan, config, embedder, out_path, fingerprint, started)
-        return embed_planned_slide(plan, config, embedder, out_path, fingerprint, progress=progress)
+        with embed_guard or contextlib.nullcontext():
+            if len(plan.grid) == 0:
+                return _write_empty(plan, config, embedder, out_path, fingerprint, started)
+            return embed_planned_slide(plan, config, embedder, out_path, fingerprint, progress=progress)
     except SlideError as exc:
         return _failure(slide, exc.reason, str(exc), started)
     except Exception as exc:
