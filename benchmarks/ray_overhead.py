@@ -2,9 +2,10 @@
 
 Starts a one-node Ray cluster bound to 127.0.0.1 (dashboard off, usage stats off). Embeds the same
 copies of the bundled sample slide with both engines and the same model, and checks that the
-features agree. Prints a Markdown table and shuts the cluster down. With the test model, every configuration
-runs once per round and the rounds are interleaved, so a change in the machine's load during the
-run affects all of them alike; the table gives the median and the range over the rounds.
+features agree. Prints Markdown tables and shuts the cluster down. With the test model, every
+configuration runs once per round and the rounds are interleaved, so a change in the machine's
+load during the run affects all of them alike. The tables give the median and the range over
+the rounds.
 
 A second table compares where tiles are read, without a model: threads inside the consuming
 process (what the engine does, through ``TileStream``) against Ray CPU tasks that read regions
@@ -241,13 +242,12 @@ def main() -> None:
     # variables must be set before Ray is imported.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    from ray.cluster_utils import Cluster
-
     import ray
+    from ray.cluster_utils import Cluster
 
     cpus = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="virchow-ray-bench-"))
-    many = work / "slides"
+    many = work / "slides"  # several copies of the sample
     many.mkdir()
     for index in range(args.copies):
         shutil.copyfile(SAMPLE, many / f"copy{index}.svs")
@@ -265,9 +265,9 @@ def main() -> None:
     try:
         ray.init(address=cluster.address)
 
-        # 1. The test model on several copies, per round: the local engine called from the main
-        # thread (as the command line runs it) and from a worker thread (as a Ray replica runs it),
-        # three Ray layouts, and the two places to read tiles.
+        # 1. The test model on several copies, per round. The local engine runs from the main thread
+        # (as the command line runs it) and from a worker thread (as a Ray replica runs it). Then
+        # come three Ray layouts and the two places to read tiles.
         layouts = [(1, cpus, 1), (1, cpus, 2), (cpus, 1, 2)]
         planned = plan_tiles_of(many)
         for round_index in range(args.rounds):

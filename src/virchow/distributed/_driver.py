@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 from tqdm.auto import tqdm
 
-import ray
 from virchow.distributed.options import EmbedderSpec, RayEngineOptions, ReplicaLayout
 from virchow.distributed.replica import EmbedReplica, ReplicaInfo
 from virchow.distributed.summary import RaySummary, ReplicaStats

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
+
 from virchow.distributed._driver import NO_REPLICAS, WORKER_DIED, JobDriver, ReplicaStartError
 from virchow.distributed.options import EmbedderSpec, RayEngineOptions, plan_replica_layout
 from virchow.distributed.summary import RaySummary, ReplicaStats
