@@ -60,7 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-qc", action="store_true", help="skip the QC thumbnail and tissue GeoJSON")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray")
-    run.add_argument("--ray-address", default=None, help="Ray cluster address for --engine ray (default: start or join a local one)")
+    ray = parser.add_argument_group("ray engine")
+    ray.add_argument("--ray-address", default=None, help="Ray cluster address for --engine ray (default: start or join a local one)")
+    ray.add_argument("--ray-replicas", type=int, default=None, help="model replicas (default: one per GPU, or as CPUs allow)")
+    ray.add_argument("--ray-cpus-per-replica", type=float, default=None, help="CPUs reserved by each replica")
+    ray.add_argument("--ray-slides-per-replica", type=int, default=2, help="slides in flight per replica (default: 2)")
+    ray.add_argument(
+        "--ray-max-slide-retries", type=int, default=2,
+        help="attempts after a replica died on a slide, before it is recorded as worker_died (default: 2)",
+    )
+    ray.add_argument("--ray-max-restarts", type=int, default=8, help="restarts of each replica process (default: 8)")
     add_model_arguments(parser)
 
 
