@@ -22,9 +22,9 @@ _logger = logging.getLogger(__name__)
 
 CompileMode = Literal["auto", "on", "off"]
 
-# torch.compile with weight freezing under bf16 autocast speeds up CPU inference by about 1.5x but
-# costs tens of seconds of compilation first, so "auto" compiles only for jobs of at least this many
-# tiles. NOTE: an estimate from one x86 CPU (docs/benchmarks.md); the break-even differs by machine.
+# torch.compile with weight freezing under bf16 autocast costs 20-50 s of compilation on a 2-core
+# CPU, so "auto" compiles only for jobs of at least this many tiles. NOTE: its gain varies by machine
+# and load: about 1.5x in one trial on a 2-core EPYC, 1.04x in the run in docs/benchmarks.md.
 COMPILE_MIN_TILES = 1000
 
 
