@@ -91,8 +91,13 @@ def main() -> None:
     device = resolve_device(args.device)
     images = load_tiles(args.tiles)
     tiles = np.stack([np.asarray(image) for image in images])
-    fast_precision = "fp16" if device.type == "cuda" else ("bf16" if cpu_supports_bf16() else "fp32")
-    ceiling_dtype = torch.float16 if device.type == "cuda" else (torch.bfloat16 if fast_precision == "bf16" else torch.float32)
+    if device.type == "cuda":
+        fast_precision = "fp16"
+    elif cpu_supports_bf16():
+        fast_precision = "bf16"
+    else:
+        fast_precision = "fp32"
+    ceiling_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[fast_precision]
     gflops = matmul_gflops(ceiling_dtype, device)
     ceiling = gflops / GFLOP_PER_TILE
     loaded = load_model("virchow", "random:0", device=device)

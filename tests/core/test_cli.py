@@ -68,7 +68,7 @@ def test_embed_tiles_all_good_exits_zero(tmp_path, labeled_tiles):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_embed_tiles_bad_weights_is_an_error_not_random(tmp_path, labeled_tiles, caplog):
+def test_embed_tiles_missing_weights_fails(tmp_path, labeled_tiles, caplog):
     status = main(["embed-tiles", str(labeled_tiles), "--out", str(tmp_path / "x.h5"), "--model", "virchow-test",
                    "--weights", str(tmp_path / "missing.safetensors")])
     assert status == 1

@@ -33,6 +33,7 @@ _logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="PATH", help="slide files, folders or CSV manifests")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+
     tiling = parser.add_argument_group("tiling")
     tiling.add_argument("--mpp", type=float, default=0.5, help="tile pixel size in um/px (default: 0.5)")
     tiling.add_argument("--tile-size", type=int, default=224, help="tile side in pixels (default: 224)")
@@ -54,12 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assume-mpp", type=float, default=None,
         help="pixel size (um/px) for slides whose metadata has none; recorded in the output",
     )
+
     run = parser.add_argument_group("run")
     run.add_argument("--float16", action="store_true", help="store features as float16 (computed in float32)")
     run.add_argument("--read-workers", type=int, default=2, help="threads reading tiles ahead of the model (default: 2)")
     run.add_argument("--no-qc", action="store_true", help="skip the QC thumbnail and tissue GeoJSON")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray")
+
     ray = parser.add_argument_group("ray engine")
     ray.add_argument("--ray-address", default=None, help="Ray cluster address for --engine ray (default: start or join a local one)")
     ray.add_argument("--ray-replicas", type=int, default=None, help="model replicas (default: one per GPU, or as CPUs allow)")
@@ -70,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="attempts after a replica died on a slide, before it is recorded as worker_died (default: 2)",
     )
     ray.add_argument("--ray-max-restarts", type=int, default=8, help="restarts of each replica process (default: 8)")
+
     add_model_arguments(parser)
 
 

@@ -1,6 +1,6 @@
 """Embed tile images (files or folders, searched recursively) into one HDF5 file.
 
-The file holds `features` (N x D float32), `paths` relative to the input folder, the images that
+The file contains `features` (N x D float32), `paths` relative to the input folder, the images that
 failed, and attributes naming the model, the weights and their SHA-256, the embedding kind and the
 precision. Unreadable images are listed and skipped; the exit status is 1 when any failed.
 

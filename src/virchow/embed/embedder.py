@@ -133,8 +133,8 @@ class Embedder:
     def embed(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor]) -> np.ndarray:
         """Embed PIL images, arrays or tensors of any size through the official transform.
 
-        Arrays and tensors of shape (H, W, C) are taken as pixel data in any numeric dtype; a
-        float tensor of shape (3, H, W) is taken as already normalised.
+        Arrays and tensors of shape (H, W, C) are taken as pixel data in any numeric dtype. A float
+        tensor of shape (3, H, W) is taken as already normalised.
 
         Returns:
             float32 array (N, *output_shape).

@@ -104,7 +104,7 @@ def embed_tiles_to_h5(
 ) -> EmbedTilesResult:
     """Embed every image under ``inputs`` and write them to ``out`` atomically.
 
-    The HDF5 file holds ``features`` (N, *embedding shape), float32 or float16, ``paths`` (N,)
+    The HDF5 file contains ``features`` (N, *embedding shape), float32 or float16, ``paths`` (N,)
     relative to the input root, ``failed_paths`` and ``failed_reasons`` for images that could not
     be decoded, and attributes naming the model, the weights provenance, the embedding kind, the
     precision and the software version. Unreadable images are skipped, logged and listed.

@@ -44,8 +44,8 @@ def load_model(
         device: where the loaded parameters are placed.
 
     Returns:
-        The model in eval mode with its provenance. Nothing ever falls back to random weights
-        unless ``weights`` asks for them.
+        The model in eval mode with its provenance. Random weights are used only when ``weights``
+        is ``random[:SEED]``, never as a fallback.
 
     Raises:
         UnknownModelError: ``name`` is not registered.

@@ -39,7 +39,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ``module.`` prefix left by DistributedDataParallel is removed; both are logged.
 
     Raises:
-        WeightsFormatError: the file is truncated, corrupt, of an unknown type, or holds
+        WeightsFormatError: the file is truncated, corrupt, of an unknown type, or contains
             something other than a mapping of names to tensors.
     """
     suffix = path.suffix.lower()

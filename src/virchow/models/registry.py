@@ -1,6 +1,6 @@
 """Declared specifications of the Virchow model family.
 
-A :class:`ModelSpec` says everything needed to rebuild a variant exactly: the timm architecture and
+A :class:`ModelSpec` contains everything needed to rebuild a variant exactly: the timm architecture and
 its keyword arguments, the Hugging Face repository, the preprocessing, the number of prefix tokens
 and the licence. The values for ``virchow`` and ``virchow2`` follow the ``config.json`` published in
 the gated repositories ``paige-ai/Virchow`` and ``paige-ai/Virchow2`` and the model card's loading
@@ -19,8 +19,8 @@ from virchow.errors import UnknownModelError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Keyword arguments of timm's vit_huge_patch14_224 shared by every Virchow variant; the model card
-# adds the MLP and activation layers, which are classes and so are resolved in factory.py.
+# Keyword arguments of timm's vit_huge_patch14_224 shared by every Virchow variant. The model card
+# also passes the MLP and activation layers, which are classes, so factory.py adds them.
 VIRCHOW_MODEL_ARGS: dict[str, Any] = {
     "img_size": 224,
     "init_values": 1e-5,

@@ -63,7 +63,7 @@ def discover_slides(inputs: Sequence[str | Path]) -> Discovery:
 
     Args:
         inputs: slide files, folders (searched recursively by extension), or CSV manifests with a
-            ``path`` column and optional ``slide_id``, ``mpp`` and ``mask`` columns; relative
+            ``path`` column and optional ``slide_id``, ``mpp`` and ``mask`` columns. Relative
             paths in a CSV are relative to the CSV's folder.
 
     Returns:

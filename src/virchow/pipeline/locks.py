@@ -2,7 +2,7 @@
 
 A lock is created with ``O_CREAT | O_EXCL``, which is atomic on local file systems and on NFSv3+,
 so exactly one worker wins a slide. The file contains the owner's host, pid and start time. A lock
-whose owner is a dead process on this host is stale and is taken over; a lock from another host
+whose owner is a dead process on this host is stale and is taken over. A lock from another host
 is stale when its heartbeat (the file's modification time, refreshed while the slide runs) is
 older than ``stale_after`` seconds.
 """

@@ -1,10 +1,10 @@
 """The run manifest: one CSV row per slide with its latest outcome.
 
 Each update rewrites the manifest to a temporary file and renames it over the old one while
-holding an exclusive ``flock`` on a lock file next to it, so several workers can share one
-manifest and a crash leaves either the old or the new version, never a torn one.
-NOTE: flock is advisory and unreliable on some network file systems; workers on different
-machines sharing an NFS folder should each write their own manifest (``--manifest``).
+holding an exclusive ``flock`` on a lock file next to it. Several workers can therefore share one
+manifest, and a crash leaves either the old or the new version, never a torn one.
+NOTE: flock is advisory and unreliable on some network file systems, so workers on different
+machines sharing an NFS folder may lose a manifest row (the feature files are unaffected).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from virchow.pipeline.config import SlideJobConfig
 from virchow.pipeline.inputs import SlideInput, discover_slides
 from virchow.pipeline.locks import SlideLock
 from virchow.pipeline.manifest import SlideOutcome, read_manifest, upsert_outcome
-from virchow.pipeline.slide import embed_planned_slide, feature_path, plan_slide, slide_attrs
+from virchow.pipeline.slide import FEATURES_DIR, embed_planned_slide, feature_path, plan_slide, slide_attrs
 
 _logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def embed_slides(
     if not slides:
         raise ConfigError(f"no slides found in {', '.join(map(str, inputs))}")
 
-    features_dir = feature_path(out_dir, "x").parent
+    features_dir = out_dir / FEATURES_DIR
     if features_dir.is_dir():
         for stale in remove_stale_temporaries(features_dir):
             _logger.warning("removed %s, left by an interrupted run", stale.name)

@@ -1,9 +1,10 @@
 """Read tiles in background threads while the model runs.
 
-Tiles are grouped into regions of a few tiles per side; each region is read once and cut into
-tiles by a pool of threads, each with its own slide handle (not every backend is thread-safe).
+Tiles are grouped into regions of a few tiles per side. A pool of threads reads each region once
+and cuts it into tiles. Each thread has its own slide handle, because not every backend is
+thread-safe.
 At most ``2 x workers`` regions are in flight, so memory stays bounded whatever the slide size.
-A region that fails to decode is re-read tile by tile; a tile that fails twice is excluded and
+A region that fails to decode is re-read tile by tile. A tile that fails twice is excluded and
 reported, never replaced by a blank tile.
 """
 
